@@ -1,0 +1,1 @@
+"""fulfil notifications service."""

@@ -1,0 +1,8 @@
+"""Makes notifications_support.py importable by the notifications tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
