@@ -16,11 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from fastapi import FastAPI
 from fulfil import kafka
 from fulfil.broker import EmbeddedBroker, free_port
-from fulfil.codec import Envelope, decode
+from fulfil.codec import Envelope, KafkaRecord, decode, encode
+from fulfil.events import OrderEvent
 from fulfil.settings import Environment, ServiceSettings
 
 POSTGRES_ADMIN_URL = os.environ.get("DATABASE_URL_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
@@ -167,3 +168,27 @@ async def eventually(predicate: Any, *, timeout: float = 30.0, interval: float =
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def as_consumed(
+    record: KafkaRecord, offset: int, *, partition: int = 0, topic: str = "order-events"
+) -> ConsumerRecord[bytes, bytes]:
+    """An encoded record as a consumer would receive it, for feeding ``EventConsumer.apply``."""
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=record.key,
+        value=record.value,
+        checksum=None,
+        serialized_key_size=len(record.key),
+        serialized_value_size=len(record.value),
+        headers=tuple(record.headers),
+    )
+
+
+def consumed_records(events: list[OrderEvent], *, source: str = "/test") -> list[ConsumerRecord[bytes, bytes]]:
+    """These events, encoded, at offsets 0, 1, 2... of one partition."""
+    return [as_consumed(encode(event, source=source)[1], offset) for offset, event in enumerate(events)]

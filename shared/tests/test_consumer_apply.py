@@ -6,39 +6,19 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from aiokafka import ConsumerRecord
 from fulfil import db
-from fulfil.codec import Envelope, KafkaRecord, encode
+from fulfil.codec import Envelope, KafkaRecord
 from fulfil.consumer import AppliedEvent, EventConsumer
-from fulfil.events import OrderCancelled, OrderEvent, OrderReceived
+from fulfil.events import OrderCancelled, OrderReceived
 from fulfil.outbox import OutboxRow, unpack_headers
 from fulfil.settings import ServiceSettings
+from fulfil.testing import as_consumed, consumed_records
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tests.support.effects import Effect, EffectsTable, effect_counts, record_effect
 from tests.support.orders import order_received
-
-
-def as_record(record: KafkaRecord, offset: int, partition: int = 0) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(
-        topic="order-events",
-        partition=partition,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=record.key,
-        value=record.value,
-        checksum=None,
-        serialized_key_size=len(record.key),
-        serialized_value_size=len(record.value),
-        headers=tuple(record.headers),
-    )
-
-
-def records_for(events: list[OrderEvent]) -> list[ConsumerRecord[bytes, bytes]]:
-    return [as_record(encode(event, source="/t")[1], offset) for offset, event in enumerate(events)]
 
 
 @pytest.fixture
@@ -60,7 +40,7 @@ async def dead_letters(sessions: db.SessionFactory) -> list[OutboxRow]:
 
 
 async def test_a_redelivered_batch_is_applied_once(sessions: db.SessionFactory) -> None:
-    records = records_for([order_received(f"o-{i}") for i in range(50)])
+    records = consumed_records([order_received(f"o-{i}") for i in range(50)])
     consumer = consumer_for(sessions, {OrderReceived: record_effect})
     await consumer.apply(records)
     await consumer.apply(records)  # redelivery after a crash before the offset commit
@@ -79,7 +59,7 @@ async def test_a_failing_record_is_retried_then_dead_lettered_and_the_rest_appli
             raise ValueError("cannot apply o-3")
         await record_effect(event, session, envelope)
 
-    records = records_for([order_received(f"o-{i}") for i in range(6)])
+    records = consumed_records([order_received(f"o-{i}") for i in range(6)])
     consumer = consumer_for(sessions, {OrderReceived: fussy}, attempts=3)
     await consumer.apply(records)
 
@@ -108,7 +88,7 @@ async def test_a_record_that_fails_once_is_applied_on_retry_in_order(sessions: d
         await record_effect(event, session, envelope)
 
     consumer = consumer_for(sessions, {OrderReceived: flaky})
-    await consumer.apply(records_for([order_received(f"o-{i}") for i in range(4)]))
+    await consumer.apply(consumed_records([order_received(f"o-{i}") for i in range(4)]))
     async with sessions() as session:
         order = (await session.exec(select(Effect.order_id).order_by(Effect.id))).all()  # type: ignore[arg-type]
     assert order == ["o-0", "o-1", "o-2", "o-3"]
@@ -116,8 +96,8 @@ async def test_a_record_that_fails_once_is_applied_on_retry_in_order(sessions: d
 
 
 async def test_undecodable_records_go_straight_to_the_dlq(sessions: db.SessionFactory) -> None:
-    good = records_for([order_received("o-0"), order_received("o-2")])
-    garbage = as_record(KafkaRecord(b"o-1", b"{not json", [("ce_type", b"order.received")]), 1)
+    good = consumed_records([order_received("o-0"), order_received("o-2")])
+    garbage = as_consumed(KafkaRecord(b"o-1", b"{not json", [("ce_type", b"order.received")]), 1)
     consumer = consumer_for(sessions, {OrderReceived: record_effect})
     await consumer.apply([good[0], garbage, good[1]])
     assert await effect_counts(sessions) == (2, 2)
@@ -129,7 +109,7 @@ async def test_undecodable_records_go_straight_to_the_dlq(sessions: db.SessionFa
 async def test_events_without_a_handler_are_passed_over(sessions: db.SessionFactory) -> None:
     cancelled = OrderCancelled(order_id="o-1", occurred_at=order_received("o-1").occurred_at, reason="x")
     consumer = consumer_for(sessions, {OrderReceived: record_effect})
-    await consumer.apply(records_for([cancelled, order_received("o-2")]))
+    await consumer.apply(consumed_records([cancelled, order_received("o-2")]))
     assert await effect_counts(sessions) == (1, 1)
 
 
@@ -139,13 +119,13 @@ async def test_a_database_outage_is_not_a_poison_record(sessions: db.SessionFact
 
     consumer = consumer_for(sessions, {OrderReceived: database_down})
     with pytest.raises(OperationalError):
-        await consumer.apply(records_for([order_received("o-1")]))
+        await consumer.apply(consumed_records([order_received("o-1")]))
     assert await dead_letters(sessions) == []
 
 
 async def test_applied_ids_older_than_the_retention_are_forgotten(sessions: db.SessionFactory) -> None:
     consumer = consumer_for(sessions, {OrderReceived: record_effect})
-    await consumer.apply(records_for([order_received(f"o-{i}") for i in range(5)]))
+    await consumer.apply(consumed_records([order_received(f"o-{i}") for i in range(5)]))
     async with sessions() as session, session.begin():
         old = (await session.exec(select(AppliedEvent).limit(2))).all()
         for entry in old:
@@ -169,5 +149,5 @@ async def test_deadlocks_and_serialization_failures_are_retried_not_dead_lettere
 
     consumer = consumer_for(sessions, {OrderReceived: deadlocked})
     with pytest.raises(DBAPIError):
-        await consumer.apply(records_for([order_received("o-1")]))
+        await consumer.apply(consumed_records([order_received("o-1")]))
     assert await dead_letters(sessions) == []

@@ -535,7 +535,11 @@ async def _release(
     for a in plan.allocations:
         covered[a.line_no] += a.qty
     # Order, then its waiting lines, then stock: one lock order, all or nothing per order.
-    async with session.begin_nested():
+    # The SAVEPOINT is the connection's own: the session's begin_nested() emits one only when
+    # the session itself next asks for a connection, which the cached connection never does,
+    # so a lost race would have kept the units it had already counted off the waiting line.
+    connection = await _connection(session)
+    async with connection.begin_nested():
         received_at = await _claim_open_order(session, order.order_id)
         if received_at is None:
             raise _LostRace
@@ -545,7 +549,6 @@ async def _release(
                 raise _LostRace
         if not all(await _reserve_all(session, plan.allocations, order.tier)):
             raise _LostRace
-    connection = await _connection(session)
     done = (
         await connection.execute(
             delete(BACKORDERS)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from inventory import service
 from inventory.models import Backorder, InventoryTable, Reservation, WarehouseIn
 from inventory_builders import line, order
+from inventory_ledger import tally
 from sqlmodel import select
 
 AT = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -175,15 +176,7 @@ async def _check(
         stock = {level.key: level for level in await service.load_stock(session)}
         reservations = (await session.exec(select(Reservation))).all()
         backorders = (await session.exec(select(Backorder))).all()
-    reserved_by_key: Counter[tuple[str, str]] = Counter()
-    core_by_key: Counter[tuple[str, str]] = Counter()
-    held_by_line: Counter[tuple[str, int]] = Counter()
-    for r in reservations:
-        reserved_by_key[(r.warehouse_id, r.sku)] += r.qty
-        if tiers[r.order_id] is CustomerTier.CORE:
-            core_by_key[(r.warehouse_id, r.sku)] += r.qty
-        held_by_line[(r.order_id, r.line_no)] += r.qty
-    waiting_by_line = Counter({(b.order_id, b.line_no): b.qty for b in backorders})
+    reserved_by_key, core_by_key, held_by_line, waiting_by_line = tally(reservations, backorders, tiers)
     for key in set(stock) | set(received):
         level = stock[key]
         # Every unit that came in is on hand or has left in a shipment.

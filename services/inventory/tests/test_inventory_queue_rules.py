@@ -142,6 +142,40 @@ async def test_an_order_that_lost_every_race_is_served_from_the_queue(
     assert await run(sessions, lambda s: service.backorder_queue(s, None, today=T0.date())) == []
 
 
+async def test_a_release_that_loses_its_race_leaves_the_waiting_order_whole(
+    sessions: db.SessionFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = order("W", line(1, "A", 2), line(2, "B", 2), allow_partial=False)
+    await run(sessions, lambda s: service.allocate_order(s, waiting, at=T0))
+    real_reserve = service.reserve
+    refused: list[AllocatedLine] = []
+
+    async def another_replica_took_the_b_units(
+        session: AsyncSession, allocation: AllocatedLine, tier: CustomerTier
+    ) -> bool:
+        if allocation.sku == "B":
+            refused.append(allocation)
+            return False
+        return await real_reserve(session, allocation, tier)
+
+    monkeypatch.setattr(service, "reserve", another_replica_took_the_b_units)
+    # Both SKUs arrive; every release of W counts units off its lines and reserves A, then loses B.
+    served = await run(sessions, lambda s: service.receive_stock(s, "PAR", [("A", 2), ("B", 2)], at=T0))
+    assert len(refused) == service.SERVE_ROUNDS
+    assert (served.orders, served.events) == ([], [])
+    # All or nothing: nothing reserved, and W still waits for every unit it ordered.
+    assert await level(sessions, "A") == (2, 0, 0, 0)
+    assert await level(sessions, "B") == (2, 0, 0, 0)
+    queue = await run(sessions, lambda s: service.backorder_queue(s, None, today=T0.date()))
+    assert [(b.order_id, b.line_no, b.qty) for b in queue] == [("W", 1, 2), ("W", 2, 2)]
+    # Once the race is not lost, W gets it all and is announced once, complete.
+    monkeypatch.setattr(service, "reserve", real_reserve)
+    served = await run(sessions, lambda s: service.receive_stock(s, "PAR", [("B", 1)], at=T0))
+    assert summary(served.events) == [("order.allocated", "W", ([(1, "A", 2), (2, "B", 2)], True, False))]
+    assert await level(sessions, "A") == (2, 2, 0, 0)
+    assert await level(sessions, "B") == (3, 2, 0, 0)
+
+
 async def test_units_core_orders_took_from_the_reserve_are_no_longer_protected(sessions: db.SessionFactory) -> None:
     await run(sessions, lambda s: service.set_stock(s, "PAR", "A", StockIn(on_hand=10, protected_for_core=2), at=T0))
     core = order("C", line(1, "A", 2), tier=CORE)

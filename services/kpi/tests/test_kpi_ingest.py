@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRecord
 from fulfil import db
-from fulfil.codec import encode
 from fulfil.consumer import EventConsumer
 from fulfil.events import OrderEvent
 from fulfil.outbox import OutboxRow
 from fulfil.settings import ServiceSettings
+from fulfil.testing import consumed_records
 from kpi import domain, service
 from kpi.cohorts import Window
 from kpi.handlers import BatchIngest
@@ -25,28 +24,6 @@ from kpi_scenario import NOW, received, scenario_events
 from sqlalchemy import event
 from sqlmodel import select
 from test_kpi_domain import EXPECTED_TALLIES
-
-
-def records_for(events: list[OrderEvent]) -> list[ConsumerRecord[bytes, bytes]]:
-    records = []
-    for offset, order_event in enumerate(events):
-        record = encode(order_event, source="/test")[1]
-        records.append(
-            ConsumerRecord(
-                topic="order-events",
-                partition=0,
-                offset=offset,
-                timestamp=0,
-                timestamp_type=0,
-                key=record.key,
-                value=record.value,
-                checksum=None,
-                serialized_key_size=len(record.key),
-                serialized_value_size=len(record.value),
-                headers=tuple(record.headers),
-            )
-        )
-    return records
 
 
 @pytest.fixture
@@ -80,7 +57,7 @@ async def test_a_batch_reads_its_orders_once_and_folds_at_commit(sessions: db.Se
     event.listen(engine.sync_engine, "before_cursor_execute", count)
     events = scenario_events()
     clock[0] = 10.0  # the fold is due: the batch's changes reach the aggregates in the same commit
-    await consumer.apply(records_for(events))
+    await consumer.apply(consumed_records(events))
     event.remove(engine.sync_engine, "before_cursor_execute", count)
     reads = [s for s in statements if s.lstrip().startswith("SELECT") and "FROM kpi_orders" in s]
     assert len(reads) == 1
@@ -106,7 +83,7 @@ async def test_a_record_failing_the_commit_is_isolated_and_dead_lettered(
 
     monkeypatch.setattr(domain, "apply", fussy)
     events = scenario_events()
-    records = records_for([*events[:20], received("POISON", [("A", 1)]), *events[20:]])
+    records = consumed_records([*events[:20], received("POISON", [("A", 1)]), *events[20:]])
     with pytest.raises(ValueError, match="cannot apply"):
         await consumer.apply(records)  # the commit hook fails: nothing of the batch is applied
     assert await orders_stored(sessions) == 0
