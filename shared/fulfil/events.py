@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 Quantity = Annotated[int, Field(ge=1, le=1_000_000, strict=True)]
+HandlingHours = Annotated[int, Field(ge=0, le=24 * 30, strict=True)]
 Count = Annotated[int, Field(ge=0, le=1_000_000, strict=True)]
 
 
@@ -147,6 +148,9 @@ class OrderAllocated(OrderEvent):
     """All lines of the order are now covered."""
     first_pass: bool
     """Allocated on receipt (counts toward first-pass fill rate), not by a later restock."""
+    handling_hours: dict[str, HandlingHours] = Field(default_factory=dict)
+    """The handling time (ship-by SLA after allocation) of each warehouse of the allocation,
+    as inventory keeps it; shipping falls back on its own default for a warehouse not named."""
 
 
 class OrderBackordered(OrderEvent):

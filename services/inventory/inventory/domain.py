@@ -36,6 +36,8 @@ from fulfil.events import (
 
 DEFAULT_PRIORITY = 1_000
 """Priority of a warehouse that holds stock but was never described (served last)."""
+DEFAULT_HANDLING_HOURS = 24
+"""Handling time of a warehouse that holds stock but was never described."""
 MAX_EXACT_WAREHOUSES = 8
 """Up to this many warehouses the fewest-warehouse search is exhaustive (2**8 subsets);
 beyond, warehouses are added greedily (most units gained first)."""
@@ -82,6 +84,13 @@ class StockLevel:
 class Warehouse:
     warehouse_id: str
     priority: int = DEFAULT_PRIORITY
+    handling_hours: int = DEFAULT_HANDLING_HOURS
+
+
+def handling_of(allocations: Iterable[AllocatedLine], warehouses: Iterable[Warehouse]) -> dict[str, int]:
+    """The handling hours of the warehouses these allocations take units from."""
+    used = {a.warehouse_id for a in allocations}
+    return {w.warehouse_id: w.handling_hours for w in warehouses if w.warehouse_id in used}
 
 
 @dataclass(frozen=True)
@@ -398,6 +407,7 @@ def events_on_receipt(
     *,
     at: datetime,
     ahead: Mapping[str, int] | None = None,
+    warehouses: Iterable[Warehouse] = (),
 ) -> list[OrderEvent]:
     """What the world is told after the first allocation attempt of an order."""
     events: list[OrderEvent] = []
@@ -409,6 +419,7 @@ def events_on_receipt(
                 allocations=plan.allocations,
                 complete=plan.complete,
                 first_pass=True,
+                handling_hours=handling_of(plan.allocations, warehouses),
             )
         )
     if plan.shortfalls:

@@ -153,8 +153,9 @@ async def load_warehouses(session: AsyncSession) -> list[domain.Warehouse]:
     """Warehouses and their priorities, read once per session (one consumer batch, one request)."""
     cached: list[domain.Warehouse] | None = session.info.get(_WAREHOUSES_CACHE)
     if cached is None:
-        rows = await (await _connection(session)).execute(select(WAREHOUSES.c.warehouse_id, WAREHOUSES.c.priority))
-        cached = [domain.Warehouse(warehouse_id, priority) for warehouse_id, priority in rows]
+        columns = select(WAREHOUSES.c.warehouse_id, WAREHOUSES.c.priority, WAREHOUSES.c.handling_hours)
+        rows = await (await _connection(session)).execute(columns)
+        cached = [domain.Warehouse(warehouse_id, priority, hours) for warehouse_id, priority, hours in rows]
         session.info[_WAREHOUSES_CACHE] = cached
     return cached
 
@@ -346,12 +347,12 @@ async def allocate_order(session: AsyncSession, order: OrderReceived, *, at: dat
     final = domain.plan_of(demands, reserved)
     await _record_reservations(session, order.order_id, final.allocations)
     if not final.shortfalls:
-        return [*events, *domain.events_on_receipt(order, final, [], at=at)]
+        return [*events, *domain.events_on_receipt(order, final, [], at=at, warehouses=warehouses)]
     await _record_backorders(session, order, final.shortfalls)
     short_skus = {s.sku for s in final.shortfalls}
     inbound = await load_inbound(session, short_skus)
     waiting_ahead = await _units_waiting_ahead(session, order, short_skus)
-    events.extend(domain.events_on_receipt(order, final, inbound, at=at, ahead=waiting_ahead))
+    events.extend(domain.events_on_receipt(order, final, inbound, at=at, ahead=waiting_ahead, warehouses=warehouses))
     if lost_a_race:
         # Units may have come free while we raced (a cancellation on another replica could not see
         # this order waiting yet): serve the queue now rather than at the next restock.
@@ -569,18 +570,18 @@ async def _release(
     # Never before the order was received, even for a receipt dated earlier.
     occurred_at = max(at, received_at)
     if order.allow_partial:
-        return OrderAllocated(
-            order_id=order.order_id,
-            occurred_at=occurred_at,
-            allocations=plan.allocations,
-            complete=left == 0,
-            first_pass=False,
-        )
-    if left:
+        allocations = plan.allocations
+    elif left:
         return None  # ship-complete: held, announced once everything is there
-    allocations = domain.merge_allocations(await _reservations_as_allocations(session, order.order_id))
+    else:
+        allocations = domain.merge_allocations(await _reservations_as_allocations(session, order.order_id))
     return OrderAllocated(
-        order_id=order.order_id, occurred_at=occurred_at, allocations=allocations, complete=True, first_pass=False
+        order_id=order.order_id,
+        occurred_at=occurred_at,
+        allocations=allocations,
+        complete=left == 0,
+        first_pass=False,
+        handling_hours=domain.handling_of(allocations, await load_warehouses(session)),
     )
 
 

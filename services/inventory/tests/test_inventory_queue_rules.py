@@ -176,6 +176,27 @@ async def test_a_release_that_loses_its_race_leaves_the_waiting_order_whole(
     assert await level(sessions, "B") == (3, 2, 0, 0)
 
 
+async def test_an_allocation_names_the_handling_time_of_each_warehouse_it_takes_from(
+    sessions: db.SessionFactory,
+) -> None:
+    lyon = WarehouseIn(name="Lyon", country="FR", handling_hours=48, priority=2)
+    await run(sessions, lambda s: service.put_warehouse(s, "LYO", lyon))
+    await run(sessions, lambda s: service.receive_stock(s, "PAR", [("A", 2)], at=T0))
+    await run(sessions, lambda s: service.receive_stock(s, "LYO", [("A", 1)], at=T0))
+    split = order("S", line(1, "A", 3), line(2, "B", 1))
+    allocated, _ = await run(sessions, lambda s: service.allocate_order(s, split, at=T0))
+    assert isinstance(allocated, OrderAllocated)
+    assert allocated.handling_hours == {"PAR": 24, "LYO": 48}
+
+    # The warehouse's handling time changes; the release of the waiting line carries the new one.
+    faster = WarehouseIn(name="Paris", country="FR", handling_hours=6, priority=1)
+    await run(sessions, lambda s: service.put_warehouse(s, "PAR", faster))
+    served = await run(sessions, lambda s: service.receive_stock(s, "PAR", [("B", 1)], at=T0))
+    (released,) = served.events
+    assert isinstance(released, OrderAllocated)
+    assert (released.allocations[0].warehouse_id, released.handling_hours) == ("PAR", {"PAR": 6})
+
+
 async def test_units_core_orders_took_from_the_reserve_are_no_longer_protected(sessions: db.SessionFactory) -> None:
     await run(sessions, lambda s: service.set_stock(s, "PAR", "A", StockIn(on_hand=10, protected_for_core=2), at=T0))
     core = order("C", line(1, "A", 2), tier=CORE)

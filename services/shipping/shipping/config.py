@@ -31,9 +31,10 @@ class Settings(ServiceSettings):
     service_name: str = "shipping"
 
     handling_hours: float = Field(default=24, ge=0)
-    """Warehouse handling time: ship_by = allocated time + this."""
+    """Warehouse handling time: ship_by = allocated time + this, for a warehouse whose
+    handling time order.allocated does not carry (inventory keeps it per warehouse)."""
     warehouse_handling_hours: dict[str, float] = {}
-    """Per-warehouse handling time overrides."""
+    """Per-warehouse overrides, ahead of what inventory announces (e.g. a site with a backlog)."""
     transit_days: dict[ServiceLevel, float] = dict(DEFAULT_TRANSIT_DAYS)
     carriers: dict[str, CarrierSettings] = {"simcarrier": CarrierSettings(secret=SecretStr(DEV_CARRIER_SECRET))}
     """Carriers allowed to post tracking webhooks, with their secrets (JSON in CARRIERS)."""
@@ -71,8 +72,10 @@ class Settings(ServiceSettings):
                 problems.append(f"carrier {name!r} needs a real webhook secret (16+ characters)")
         return problems
 
-    def handling_for(self, warehouse_id: str) -> timedelta:
-        hours = self.warehouse_handling_hours.get(warehouse_id, self.handling_hours)
+    def handling_for(self, warehouse_id: str, announced: float | None = None) -> timedelta:
+        """This service's override for the warehouse, else the handling time inventory
+        announced with the allocation, else the service-wide default."""
+        hours = self.warehouse_handling_hours.get(warehouse_id, self.handling_hours if announced is None else announced)
         return timedelta(hours=hours) / self.time_compression
 
     def carrier_for(self, warehouse_id: str) -> str:

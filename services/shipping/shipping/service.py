@@ -13,7 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fulfil.db import SessionFactory
@@ -118,7 +118,9 @@ async def record_order_terms(session: AsyncSession, settings: Settings, event: O
         .with_for_update()
     )
     for shipment in placeholders:
-        promise = _promise(settings, shipment.warehouse_id, shipment.allocated_at, terms)
+        # The terms change the promised delivery, never the ship-by the allocation set.
+        handling = shipment.ship_by - shipment.allocated_at
+        promise = _promise(settings, shipment.warehouse_id, shipment.allocated_at, terms, handling)
         _change_promise(session, shipment, promise.promised_delivery_at, promise.reason, event.occurred_at)
         # The default promise was never the order's own: the first real one becomes the original.
         shipment.original_promised_delivery_at = promise.promised_delivery_at
@@ -128,12 +130,14 @@ async def record_order_terms(session: AsyncSession, settings: Settings, event: O
         session.add(shipment)
 
 
-def _promise(settings: Settings, warehouse_id: str, allocated_at: datetime, terms: OrderTerms) -> domain.Promise:
+def _promise(
+    settings: Settings, warehouse_id: str, allocated_at: datetime, terms: OrderTerms, handling: timedelta
+) -> domain.Promise:
     carrier = settings.carrier_for(warehouse_id)
     return domain.make_promise(
         allocated_at,
         terms,
-        handling=settings.handling_for(warehouse_id),
+        handling=handling,
         transit=settings.transit_for(carrier, terms.service_level),
         compression=settings.time_compression,
     )
@@ -150,7 +154,8 @@ async def create_shipments(
     terms = _terms(row)
     shipments = []
     for planned in domain.plan_shipments(event.allocations):
-        promise = _promise(settings, planned.warehouse_id, event.occurred_at, terms)
+        handling = settings.handling_for(planned.warehouse_id, event.handling_hours.get(planned.warehouse_id))
+        promise = _promise(settings, planned.warehouse_id, event.occurred_at, terms, handling)
         # Derived from the event id, so a handler re-run after a rollback makes the same ids.
         shipment_id = "shp_" + uuid.uuid5(SHIPMENT_NAMESPACE, f"{event_id}/{planned.warehouse_id}").hex[:20]
         shipment = ShipmentRow(

@@ -63,6 +63,31 @@ async def test_an_allocation_for_an_order_never_received_uses_the_standard_defau
     assert shipment["service_level"] == "express"
 
 
+async def test_ship_by_follows_the_handling_time_inventory_announces_unless_shipping_overrides_it(
+    h: Harness,
+) -> None:
+    order = new_order_id()
+    split = allocated(order, warehouses=("wh-east", "wh-west"))
+    await h.apply(split.model_copy(update={"handling_hours": {"wh-east": 6, "wh-west": 6}}))
+    east, west = await h.shipments(order)
+    assert ts(east["ship_by"]) == T0 + timedelta(hours=6)  # as inventory keeps it for wh-east
+    assert ts(west["ship_by"]) == T0 + timedelta(hours=48)  # shipping's override for wh-west wins
+    assert ts(east["promised_delivery_at"]) == T0 + timedelta(hours=6) + 3 * DAY
+
+    # The order's terms, seen late, move the promise; the ship-by stays what the allocation set.
+    await h.apply(received(order, at=T0 + timedelta(minutes=10), service_level=ServiceLevel.EXPRESS))
+    east, west = await h.shipments(order)
+    assert ts(east["ship_by"]) == T0 + timedelta(hours=6)
+    assert ts(east["promised_delivery_at"]) == T0 + timedelta(hours=6) + DAY
+    assert ts(west["promised_delivery_at"]) == T0 + timedelta(hours=48) + DAY
+
+    # A warehouse the allocation names no handling time for gets the service-wide default.
+    other = new_order_id()
+    await h.apply(allocated(other, warehouses=("wh-south",)))
+    (south,) = await h.shipments(other)
+    assert ts(south["ship_by"]) == T0 + DAY
+
+
 async def test_dispatch_stages_order_shipped_once_and_is_idempotent(h: Harness) -> None:
     order = new_order_id()
     await h.apply(received(order))
