@@ -213,6 +213,16 @@ class OutboxRelay:
                 # Unsent rows stay in the outbox; a dead broker must not hold shutdown up.
                 await finish_within(self.producer.stop(), 10.0)
 
+    async def drain(self) -> None:
+        """Publish everything pending now, then stop: for one-shot tools, not services."""
+        self.producer = await self._start_producer()
+        try:
+            while await pending_count(self.sessions):
+                await self.publish_pending()
+        finally:
+            await finish_within(self.producer.stop(), 10.0)
+            self.producer = None
+
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = kafka.producer(self.settings)
         try:

@@ -16,7 +16,7 @@ import typer
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from fulfil import db, kafka
 from fulfil.codec import KafkaRecord, header_map
-from fulfil.outbox import OutboxRelay, OutboxRow, add_record, pending_count
+from fulfil.outbox import OutboxRelay, OutboxRow, add_record
 from fulfil.settings import ServiceSettings
 from rich.console import Console
 from rich.table import Table
@@ -140,13 +140,7 @@ async def redrive_dead_letters(settings: ServiceSettings, data_dir: Path) -> int
                     topic=original_topic,
                     record=KafkaRecord(letter.record.key or b"", letter.record.value or b"", headers),
                 )
-        relay = OutboxRelay(settings, sessions)
-        relay.producer = await relay._start_producer()
-        try:
-            while await pending_count(sessions):
-                await relay.publish_pending()
-        finally:
-            await relay.producer.stop()
+        await OutboxRelay(settings, sessions).drain()
     finally:
         await engine.dispose()
     cursor: dict[TopicPartition, int] = {}
