@@ -23,7 +23,6 @@ from rich.table import Table
 from sqlmodel import select
 
 app = typer.Typer(help="Dead-lettered records: list and redrive.", no_args_is_help=True)
-console = Console()
 
 REDRIVE_GROUP = "fulfil-dlq-redrive"
 
@@ -98,7 +97,8 @@ def list_dead_letters(
     letters = asyncio.run(read_dead_letters(_settings(bootstrap)))
     table = Table(title=f"dead letters ({sum(not letter.redriven for letter in letters)} waiting)")
     for column in ("partition/offset", "group", "type", "order", "attempts", "error", "failed at", "state"):
-        table.add_column(column)
+        # An operator needs the whole error, not "ValueE…": it wraps; the short columns do not.
+        table.add_column(column, overflow="fold" if column == "error" else "ellipsis", no_wrap=column != "error")
     for letter in letters:
         if letter.redriven and not all_:
             continue
@@ -112,7 +112,7 @@ def list_dead_letters(
             letter.header("dlq_failed_at"),
             "redriven" if letter.redriven else "waiting",
         )
-    console.print(table)
+    Console().print(table)  # made here, so it measures the terminal the command runs in
 
 
 async def redrive_dead_letters(settings: ServiceSettings, data_dir: Path) -> int:
@@ -159,4 +159,4 @@ def redrive(
     """Put waiting dead letters back on their topic (consumers skip what they already applied)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     count = asyncio.run(redrive_dead_letters(_settings(bootstrap), data_dir))
-    console.print(f"redriven {count} record(s)")
+    Console().print(f"redriven {count} record(s)")
