@@ -41,7 +41,6 @@ from inventory.models import (
     BackorderOut,
     InboundIn,
     InboundOut,
-    InventoryOrder,
     InventoryTable,
     StockIn,
     StockOut,
@@ -278,7 +277,7 @@ _NEW_ORDER = {
         allow_partial=bindparam("allow_partial"),
         placed_at=bindparam("placed_at"),
         received_at=bindparam("received_at"),
-        cancelled=False,
+        cancelled=bindparam("cancelled"),
     )
     .on_conflict_do_nothing(index_elements=[ORDERS.c.order_id])
     for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
@@ -296,6 +295,7 @@ async def _record_order(session: AsyncSession, order: OrderReceived) -> bool:
         "allow_partial": order.allow_partial,
         "placed_at": order.placed_at,
         "received_at": order.occurred_at,
+        "cancelled": False,
     }
     result = cast(CursorResult[Any], await connection.execute(_NEW_ORDER[connection.dialect.name], params))
     return result.rowcount == 1
@@ -616,18 +616,20 @@ async def cancel_order(session: AsyncSession, event: OrderCancelled, *, at: date
         )
     ).first()
     if closed is None:
-        if await session.get(InventoryOrder, event.order_id) is None:
-            # Cancelled before we saw it: remember, so a late order.received allocates nothing.
-            session.add(
-                InventoryOrder(
-                    order_id=event.order_id,
-                    tier=CustomerTier.STANDARD,
-                    allow_partial=False,
-                    placed_at=event.occurred_at,
-                    received_at=event.occurred_at,
-                    cancelled=True,
-                )
-            )
+        # Unknown or already cancelled. Cancelled before we saw it: remember, so a late
+        # order.received allocates nothing, even one later in this same transaction.
+        connection = await _connection(session)
+        await connection.execute(
+            _NEW_ORDER[connection.dialect.name],
+            {
+                "order_id": event.order_id,
+                "tier": CustomerTier.STANDARD,
+                "allow_partial": False,
+                "placed_at": event.occurred_at,
+                "received_at": event.occurred_at,
+                "cancelled": True,
+            },
+        )
         return []
     tier = CustomerTier(closed.tier)
     query = select(RESERVATIONS.c.warehouse_id, RESERVATIONS.c.sku, RESERVATIONS.c.qty).where(

@@ -197,6 +197,26 @@ async def test_an_allocation_names_the_handling_time_of_each_warehouse_it_takes_
     assert (released.allocations[0].warehouse_id, released.handling_hours) == ("PAR", {"PAR": 6})
 
 
+async def test_a_cancellation_applied_before_its_order_in_one_batch_leaves_nothing_allocated(
+    sessions: db.SessionFactory,
+) -> None:
+    await run(sessions, lambda s: service.receive_stock(s, "PAR", [("A", 5)], at=T0))
+    late = order("L", line(1, "A", 2))
+    cancel = OrderCancelled(order_id="L", occurred_at=T0, reason="changed their mind")
+
+    async def one_batch(session: AsyncSession) -> list[OrderEvent]:
+        # A redriven order.received behind its cancellation, in the same consumer transaction.
+        return [
+            *await service.cancel_order(session, cancel, at=T0),
+            *await service.allocate_order(session, late, at=T0),
+            *await service.cancel_order(session, cancel, at=T0),
+        ]
+
+    assert await run(sessions, one_batch) == []
+    assert await level(sessions) == (5, 0, 0, 0)
+    assert await run(sessions, lambda s: service.backorder_queue(s, None, today=T0.date())) == []
+
+
 async def test_units_core_orders_took_from_the_reserve_are_no_longer_protected(sessions: db.SessionFactory) -> None:
     await run(sessions, lambda s: service.set_stock(s, "PAR", "A", StockIn(on_hand=10, protected_for_core=2), at=T0))
     core = order("C", line(1, "A", 2), tier=CORE)
