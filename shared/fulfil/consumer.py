@@ -195,6 +195,7 @@ class EventConsumer:
             except UndecodableRecord as exc:
                 attributes.append(exc)
         applied: list[Envelope] = []
+        duplicates = 0  # counted once the transaction commits, like what was applied
         try:
             async with self.sessions() as session, session.begin():
                 wanted = [
@@ -213,8 +214,7 @@ class EventConsumer:
                     if handler is None:
                         continue  # not this service's business: its data is not even parsed
                     if attrs.id not in claimed:
-                        self.stats.duplicates += 1
-                        self._duplicates.inc()
+                        duplicates += 1
                         continue
                     claimed.discard(attrs.id)  # a second copy in the same batch is a duplicate
                     try:
@@ -233,6 +233,8 @@ class EventConsumer:
         except _Abort as abort:
             return abort.failure
         self.stats.applied += len(applied)
+        self.stats.duplicates += duplicates
+        self._duplicates.inc(duplicates)
         for event_type, count in Counter(envelope.type for envelope in applied).items():
             self._applied_by_type[event_type].inc(count)
         return None

@@ -151,3 +151,25 @@ async def test_deadlocks_and_serialization_failures_are_retried_not_dead_lettere
     with pytest.raises(DBAPIError):
         await consumer.apply(consumed_records([order_received("o-1")]))
     assert await dead_letters(sessions) == []
+
+
+async def test_a_batch_retried_after_a_deadlock_counts_its_duplicates_once(sessions: db.SessionFactory) -> None:
+    records = consumed_records([order_received(f"o-{i}") for i in range(11)])
+    deadlocks = ["o-10"]
+
+    class PostgresError(Exception):
+        sqlstate = "40P01"
+
+    async def deadlocked_once(event: OrderReceived, session: AsyncSession, envelope: Envelope) -> None:
+        if event.order_id in deadlocks:
+            deadlocks.remove(event.order_id)
+            raise DBAPIError("UPDATE stock", {}, PostgresError("deadlock detected"))
+        await record_effect(event, session, envelope)
+
+    consumer = consumer_for(sessions, {OrderReceived: deadlocked_once})
+    await consumer.apply(records[:10])
+    # Redelivered with one new record, whose first attempt deadlocks: the whole batch runs twice.
+    await consumer._apply_retrying_transient(records)
+    assert deadlocks == []
+    assert (consumer.stats.applied, consumer.stats.duplicates) == (11, 10)
+    assert await effect_counts(sessions) == (11, 11)
