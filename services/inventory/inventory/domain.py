@@ -36,8 +36,6 @@ from fulfil.events import (
 
 DEFAULT_PRIORITY = 1_000
 """Priority of a warehouse that holds stock but was never described (served last)."""
-DEFAULT_HANDLING_HOURS = 24
-"""Handling time of a warehouse that holds stock but was never described."""
 MAX_EXACT_WAREHOUSES = 8
 """Up to this many warehouses the fewest-warehouse search is exhaustive (2**8 subsets);
 beyond, warehouses are added greedily (most units gained first)."""
@@ -84,13 +82,16 @@ class StockLevel:
 class Warehouse:
     warehouse_id: str
     priority: int = DEFAULT_PRIORITY
-    handling_hours: int = DEFAULT_HANDLING_HOURS
+    handling_hours: int | None = None
+    """Ship-by SLA after allocation; None when not known (shipping then uses its default)."""
 
 
 def handling_of(allocations: Iterable[AllocatedLine], warehouses: Iterable[Warehouse]) -> dict[str, int]:
-    """The handling hours of the warehouses these allocations take units from."""
+    """The known handling hours of the warehouses these allocations take units from."""
     used = {a.warehouse_id for a in allocations}
-    return {w.warehouse_id: w.handling_hours for w in warehouses if w.warehouse_id in used}
+    return {
+        w.warehouse_id: w.handling_hours for w in warehouses if w.warehouse_id in used and w.handling_hours is not None
+    }
 
 
 @dataclass(frozen=True)

@@ -285,20 +285,42 @@ _NEW_ORDER = {
 """Insert the order unless it is known, per dialect, built once."""
 
 
-async def _record_order(session: AsyncSession, order: OrderReceived) -> bool:
-    """Remember the order; False when it is already known (re-emitted under a new ce_id,
-    or cancelled before it reached us)."""
+async def _insert_order(
+    session: AsyncSession,
+    order_id: str,
+    *,
+    tier: CustomerTier,
+    allow_partial: bool,
+    placed_at: datetime,
+    received_at: datetime,
+    cancelled: bool,
+) -> bool:
+    """Insert the order row unless the order is known; False when it was."""
     connection = await _connection(session)
     params = {
-        "order_id": order.order_id,
-        "tier": order.customer.tier,
-        "allow_partial": order.allow_partial,
-        "placed_at": order.placed_at,
-        "received_at": order.occurred_at,
-        "cancelled": False,
+        "order_id": order_id,
+        "tier": tier,
+        "allow_partial": allow_partial,
+        "placed_at": placed_at,
+        "received_at": received_at,
+        "cancelled": cancelled,
     }
     result = cast(CursorResult[Any], await connection.execute(_NEW_ORDER[connection.dialect.name], params))
     return result.rowcount == 1
+
+
+async def _record_order(session: AsyncSession, order: OrderReceived) -> bool:
+    """Remember the order; False when it is already known (re-emitted under a new ce_id,
+    or cancelled before it reached us)."""
+    return await _insert_order(
+        session,
+        order.order_id,
+        tier=order.customer.tier,
+        allow_partial=order.allow_partial,
+        placed_at=order.placed_at,
+        received_at=order.occurred_at,
+        cancelled=False,
+    )
 
 
 async def allocate_order(session: AsyncSession, order: OrderReceived, *, at: datetime) -> list[OrderEvent]:
@@ -618,17 +640,14 @@ async def cancel_order(session: AsyncSession, event: OrderCancelled, *, at: date
     if closed is None:
         # Unknown or already cancelled. Cancelled before we saw it: remember, so a late
         # order.received allocates nothing, even one later in this same transaction.
-        connection = await _connection(session)
-        await connection.execute(
-            _NEW_ORDER[connection.dialect.name],
-            {
-                "order_id": event.order_id,
-                "tier": CustomerTier.STANDARD,
-                "allow_partial": False,
-                "placed_at": event.occurred_at,
-                "received_at": event.occurred_at,
-                "cancelled": True,
-            },
+        await _insert_order(
+            session,
+            event.order_id,
+            tier=CustomerTier.STANDARD,
+            allow_partial=False,
+            placed_at=event.occurred_at,
+            received_at=event.occurred_at,
+            cancelled=True,
         )
         return []
     tier = CustomerTier(closed.tier)

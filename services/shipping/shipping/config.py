@@ -75,7 +75,9 @@ class Settings(ServiceSettings):
     def handling_for(self, warehouse_id: str, announced: float | None = None) -> timedelta:
         """This service's override for the warehouse, else the handling time inventory
         announced with the allocation, else the service-wide default."""
-        hours = self.warehouse_handling_hours.get(warehouse_id, self.handling_hours if announced is None else announced)
+        hours = self.warehouse_handling_hours.get(warehouse_id, announced)
+        if hours is None:
+            hours = self.handling_hours
         return timedelta(hours=hours) / self.time_compression
 
     def carrier_for(self, warehouse_id: str) -> str:
